@@ -117,7 +117,8 @@ def parse_config(raw: bytes, path: str) -> dict[str, Any]:
     except (ValueError, RecursionError) as e:
         raise ConfigError(f"config file {path} is not valid JSON: {e}") from None
     if not isinstance(config, dict):
-        raise ConfigError(f"config file {path} must hold a JSON object, not {type(config).__name__}")
+        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(config), "a number")
+        raise ConfigError(f"config file {path} must hold a JSON object {{...}}, not {kind}")
     for key in REQUIRED_KEYS:
         if not isinstance(config.get(key), str) or not config[key].strip():
             state = "missing" if key not in config else "not a non-empty string"
@@ -202,7 +203,10 @@ def parse_time(value: Any) -> datetime.datetime | None:
             return None
     if parsed.tzinfo is None or parsed.utcoffset() is None:
         return None
-    return parsed.astimezone(datetime.timezone.utc)
+    try:
+        return parsed.astimezone(datetime.timezone.utc)
+    except OverflowError:  # e.g. 9999-12-31T23:59:59-23:59
+        return None
 
 
 def refresh_due(expires_at: datetime.datetime | None, now: datetime.datetime, buffer: float) -> bool:

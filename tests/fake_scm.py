@@ -54,6 +54,7 @@ class Request:
     path: str
     headers: dict
     body: bytes
+    at: float = field(default_factory=time.monotonic)
 
 
 class FakeSCM:

@@ -60,7 +60,7 @@ class Request:
 class FakeSCM:
     """The token endpoint. `requests` records every request; `answers` is a queue tried first."""
 
-    def __init__(self, client_secret: str | None = None) -> None:
+    def __init__(self, client_secret: str | None = None, tls: bool = True) -> None:
         self.client_id = CLIENT_ID
         self.client_secret = client_secret or "secret-" + secrets.token_hex(16)
         self.scope = SCOPE
@@ -74,14 +74,16 @@ class FakeSCM:
         self.ca = trustme.CA()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self.server.daemon_threads = True
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.ca.issue_cert("127.0.0.1", "localhost").configure_cert(context)
-        self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+        self.scheme = "https" if tls else "http"  # plain http: the tool allows it for loopback only
+        if tls:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            self.ca.issue_cert("127.0.0.1", "localhost").configure_cert(context)
+            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     @property
     def url(self) -> str:
-        return f"https://127.0.0.1:{self.server.server_address[1]}{TOKEN_PATH}"
+        return f"{self.scheme}://127.0.0.1:{self.server.server_address[1]}{TOKEN_PATH}"
 
     def start(self) -> FakeSCM:
         self.thread.start()
@@ -197,25 +199,27 @@ def demo() -> int:
     """Run the tool twice through the wrapper against this stand-in; show output and log."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     fake = FakeSCM().start()
-    with tempfile.TemporaryDirectory(prefix="scm-token-cache-demo-") as work:
-        config = os.path.join(work, "scm-auth.json")
-        with open(os.open(config, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
-            json.dump(fake.config(), f, indent=2)
-        env = dict(os.environ, SCM_CONFIG_PATH=config, LOG_DIR=os.path.join(work, "logs"),
-                   REQUESTS_CA_BUNDLE=fake.write_ca(os.path.join(work, "ca.pem")), NO_PROXY="127.0.0.1,localhost")
-        print(f"demo: a stand-in token endpoint at {fake.url}, config {config}\n")
-        for attempt in (1, 2):
-            print(f"$ ./run-token-cache.sh        # run {attempt}")
-            sys.stdout.flush()
-            result = subprocess.run([os.path.join(root, "run-token-cache.sh")], env=env)
-            if result.returncode != 0:
-                print(f"demo: the wrapper exited {result.returncode}")
-                return 1
-        print(f"\nthe stand-in saw {len(fake.requests)} token request(s); the log reads:")
-        for name in sorted(os.listdir(env["LOG_DIR"])):
-            with open(os.path.join(env["LOG_DIR"], name)) as f:
-                print(f"--- {name}\n{f.read()}", end="")
-    fake.stop()
+    try:
+        with tempfile.TemporaryDirectory(prefix="scm-token-cache-demo-") as work:
+            config = os.path.join(work, "scm-auth.json")
+            with open(os.open(config, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
+                json.dump(fake.config(), f, indent=2)
+            env = dict(os.environ, SCM_CONFIG_PATH=config, LOG_DIR=os.path.join(work, "logs"),
+                       REQUESTS_CA_BUNDLE=fake.write_ca(os.path.join(work, "ca.pem")),
+                       NO_PROXY="127.0.0.1,localhost")
+            print(f"demo: a stand-in token endpoint at {fake.url}, config {config}\n")
+            for attempt in (1, 2):
+                print(f"$ ./run-token-cache.sh        # run {attempt}", flush=True)
+                result = subprocess.run([os.path.join(root, "run-token-cache.sh")], env=env)
+                if result.returncode != 0:
+                    print(f"demo: the wrapper exited {result.returncode}")
+                    return 1
+            print(f"\nthe stand-in saw {len(fake.requests)} token request(s); the log reads:")
+            for name in sorted(os.listdir(env["LOG_DIR"])):
+                with open(os.path.join(env["LOG_DIR"], name)) as f:
+                    print(f"--- {name}\n{f.read()}", end="")
+    finally:
+        fake.stop()
     print("demo: done, temporary files removed")
     return 0
 

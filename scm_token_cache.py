@@ -20,7 +20,10 @@ import os
 import stat
 import sys
 import time
-from typing import Any, Callable, NamedTuple, Sequence
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs milliseconds at start-up, and the cached path is run all day
+    from typing import Any, Callable, Sequence
 
 HERE = os.path.dirname(os.path.realpath(__file__))
 DEFAULT_CONFIG = os.path.join(HERE, "secrets", "scm-auth.json")
@@ -56,12 +59,15 @@ class RefreshError(TokenCacheError):
     exit_code = 1
 
 
-class Token(NamedTuple):
-    value: str
-    expires_at: datetime.datetime
-    refreshed: bool
+class Token:
+    """A valid access token, when it expires, and whether this call fetched it."""
 
-    def __repr__(self) -> str:  # never show the token itself
+    __slots__ = ("value", "expires_at", "refreshed")
+
+    def __init__(self, value: str, expires_at: datetime.datetime, refreshed: bool) -> None:
+        self.value, self.expires_at, self.refreshed = value, expires_at, refreshed
+
+    def __repr__(self) -> str:  # never shows the token itself
         return f"Token(expires_at={format_rfc3339(self.expires_at)!r}, refreshed={self.refreshed})"
 
 

@@ -54,9 +54,13 @@ class ConfigError(TokenCacheError):
 
 
 class RefreshError(TokenCacheError):
-    """No valid token could be had: refused, unreachable, bad answer, lock or write failure."""
+    """No fresh token could be had: refused, unreachable, bad answer, lock or write failure.
+
+    `cached` is the cached Token when it has not expired yet, for callers that can live with it.
+    """
 
     exit_code = 1
+    cached: Token | None = None
 
 
 class Token:
@@ -101,7 +105,10 @@ def read_config(path: str) -> dict[str, Any]:
 
 def warn_about_config(config: dict[str, Any], path: str) -> None:
     """Warn about settings that work but put the credentials at risk."""
-    mode = stat.S_IMODE(os.stat(path).st_mode)
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return  # gone since it was read; the next step will say so
     if mode & 0o077:
         warn(f"config file {path} is accessible by group or others (mode {mode:04o}); run: chmod 600 {path}")
     if config.get("skip_verify_certificate") is True:
@@ -114,8 +121,14 @@ def parse_config(raw: bytes, path: str) -> dict[str, Any]:
     def reject_constant(name: str) -> None:
         raise ValueError(f"{name} is not allowed in JSON")
 
+    def finite_float(text: str) -> float:
+        value = float(text)
+        if value in (float("inf"), float("-inf")):
+            raise ValueError(f"the number {text[:20]} is too large")
+        return value
+
     try:
-        config = json.loads(raw.decode("utf-8"), parse_constant=reject_constant)
+        config = json.loads(raw.decode("utf-8"), parse_constant=reject_constant, parse_float=finite_float)
     except UnicodeDecodeError as e:
         raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start}); save it as UTF-8 JSON") from None
     except json.JSONDecodeError as e:
@@ -561,7 +574,14 @@ def ensure_token(
             warn(f"config file {path}: jwt_expires_at is missing or not an RFC 3339 time with a zone")
         remove_stale_temp_files(path)
         on_fetch()
-        token, lifetime, sent_at = fetch_token(config, timeout, max_retry_time)
+        try:
+            token, lifetime, sent_at = fetch_token(config, timeout, max_retry_time)
+        except RefreshError as e:
+            if expires_at is None or expires_at <= now():
+                raise
+            still_valid = RefreshError(f"{e}; the cached token stays valid until {format_human(expires_at)}")
+            still_valid.cached = Token(config["jwt"], expires_at, refreshed=False)
+            raise still_valid from None
         expires_at = sent_at + datetime.timedelta(seconds=lifetime)
         config.update(jwt=token, jwt_expires_at=format_rfc3339(expires_at), jwt_lifetime=lifetime)
         write_atomically(path, serialize(config))
@@ -570,13 +590,28 @@ def ensure_token(
     return Token(token, expires_at, refreshed=True)
 
 
+def usable_token(path: str, buffer: float = DEFAULT_BUFFER, **options: Any) -> str:
+    """Like ensure_token, but when the refresh fails, fall back (with a warning) to a cached token not yet expired.
+
+    Consumers keep working through a token-endpoint outage shorter than the buffer; `run` still fails loudly.
+    """
+    try:
+        return ensure_token(path, buffer, **options).value
+    except RefreshError as e:
+        if e.cached is None:
+            raise
+        warn(f"could not refresh the token: {e}")
+        return e.cached.value
+
+
 def get_token(config_path: str | None = None, buffer: float = DEFAULT_BUFFER) -> str:
     """Return a valid SCM access token, refreshing it first (under the lock) when it is due.
 
     Raises ConfigError when the config file is unusable and RefreshError when
-    no token could be had; both are TokenCacheError, whose `exit_code` is 2 or 1.
+    no unexpired token could be had; both are TokenCacheError, whose
+    `exit_code` is 2 or 1.
     """
-    return ensure_token(resolve_config_path(config_path), buffer).value
+    return usable_token(resolve_config_path(config_path), buffer)
 
 
 # --- Commands ------------------------------------------------------------------
@@ -616,7 +651,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_token(args: argparse.Namespace) -> int:
     """Print a valid token and nothing else, refreshing it first when it is due."""
-    token = ensure_token(
+    token = usable_token(
         resolve_config_path(args.config),
         args.buffer,
         force=args.force,
@@ -624,7 +659,7 @@ def cmd_token(args: argparse.Namespace) -> int:
         max_retry_time=args.max_retry_time,
         lock_timeout=args.lock_timeout,
     )
-    print(token.value)
+    print(token)
     return 0
 
 
@@ -701,6 +736,9 @@ def write_crontab(lines: list[str]) -> None:
 
 def cmd_install_cron(args: argparse.Namespace) -> int:
     """Add (or replace) our line in the user's crontab, keeping every other line."""
+    if not os.access(WRAPPER, os.X_OK):
+        raise ConfigError(f"{WRAPPER} is missing or not executable; run install-cron from a checkout of "
+                          "scm-token-cache, where run-token-cache.sh sits beside scm_token_cache.py")
     line = cron_line(args.every, resolve_config_path(args.config))
     lines = [old for old in read_crontab(line) if not is_our_line(old, line)]
     write_crontab(lines + [line])
@@ -735,6 +773,14 @@ def seconds(text: str) -> float:
     return value
 
 
+def positive_seconds(text: str) -> float:
+    """An argparse type: more than zero seconds."""
+    value = seconds(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be more than zero seconds")
+    return value
+
+
 def minutes(text: str) -> int:
     """An argparse type: whole minutes from 1 to 60."""
     if not text.strip().isdigit() or not 1 <= int(text) <= 60:
@@ -758,7 +804,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"refresh when the token expires within this many seconds (default {DEFAULT_BUFFER})")
     fetch = argparse.ArgumentParser(add_help=False)
     fetch.add_argument("--force", action="store_true", help="refresh even if the cached token is valid")
-    fetch.add_argument("--timeout", type=seconds, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+    fetch.add_argument("--timeout", type=positive_seconds, default=DEFAULT_TIMEOUT, metavar="SECONDS",
                        help=f"per HTTP request (default {DEFAULT_TIMEOUT})")
     fetch.add_argument("--max-retry-time", type=seconds, default=DEFAULT_MAX_RETRY_TIME, metavar="SECONDS",
                        help=f"total time to spend retrying transient failures; 0 means one try "

@@ -30,6 +30,7 @@ def check_rejected(cli, path, *words):
     ("42", ["a number"]),
     ("null", ["null"]),
     ('{"client_id": NaN}', ["NaN is not allowed"]),
+    ('{"padding": 1e400}', ["too large"]),
     ("[" * 100000, ["not valid JSON"]),
 ])
 def test_unparseable_or_wrong_shape(cli, tmp_path, text, words):
@@ -95,7 +96,7 @@ def test_directory_as_config(cli, tmp_path):
 
 
 @pytest.mark.parametrize("args", [
-    ["--buffer", "-1"], ["--buffer", "soon"], ["--timeout", "nan"], ["--max-retry-time", "-5"],
+    ["--buffer", "-1"], ["--buffer", "soon"], ["--timeout", "nan"], ["--timeout", "0"], ["--max-retry-time", "-5"],
     ["--lock-timeout", "inf"], ["--json", "--quiet"], ["--no-such-option"],
 ])
 def test_usage_errors_exit_2(cli, tmp_path, args):

@@ -175,3 +175,32 @@ def test_cached_run_line_and_token_agree(cli, fake, config):
     token = cli("token", "--config", config).expect(0).out.strip()
     assert CACHED.match(cli("run", "--config", config).expect(0).out.strip())
     assert read_json(config)["jwt"] == token
+
+
+def test_token_falls_back_to_an_unexpired_cached_token_when_refresh_fails(cli, fake, tmp_path):
+    config = with_token(fake, tmp_path, 120)  # due under the 300 s buffer, but still valid
+    fake.answers.append(Answer(status=503))
+    before = config.read_bytes()
+    result = cli("token", "--config", config, "--max-retry-time", "0").expect(0)
+    assert result.out == "eyJcached.old.token\n"
+    assert "warning: could not refresh the token: " in result.err and "stays valid until" in result.err
+    assert config.read_bytes() == before
+
+
+def test_run_still_fails_loudly_when_only_the_cached_token_is_left(cli, fake, tmp_path):
+    config = with_token(fake, tmp_path, 120)
+    fake.answers.append(Answer(status=503))
+    result = cli("run", "--config", config, "--max-retry-time", "0").expect(1)
+    assert "answered 503" in result.err and "the cached token stays valid until " in result.err
+    assert "eyJcached.old.token" not in result.out + result.err
+
+
+def test_get_token_falls_back_but_not_to_an_expired_token(fake, tmp_path, trust_fake):
+    config = with_token(fake, tmp_path, 120)
+    fake.answers.append(Answer(status=401, body={"error": "invalid_client"}))
+    assert stc.get_token(str(config)) == "eyJcached.old.token"
+    expired = with_token(fake, tmp_path, -1)
+    fake.answers.append(Answer(status=401, body={"error": "invalid_client"}))
+    with pytest.raises(stc.RefreshError) as raised:
+        stc.get_token(str(expired))
+    assert raised.value.cached is None

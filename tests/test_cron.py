@@ -315,3 +315,11 @@ def test_demo_runs_without_an_account(env):
     assert "Token refreshed, expires at: " in result.stdout and "Using cached token, expires at: " in result.stdout
     work = re.search(r"config (/\S+)/scm-auth.json", result.stdout).group(1)
     assert not os.path.exists(work)
+
+
+def test_install_needs_the_wrapper_beside_the_module(install, env, crontab):
+    bin_dir, table = crontab
+    (install / "run-token-cache.sh").unlink()
+    result = tool(install, "install-cron", env=env, bin_dir=bin_dir, table=table).expect(2)
+    assert "run-token-cache.sh is missing or not executable" in result.err
+    assert not table.exists()

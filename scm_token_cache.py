@@ -38,7 +38,6 @@ MAX_RETRY_DELAY = 10.0
 MAX_LIFETIME = 366 * 24 * 3600  # longer is no SCM token, and would overflow datetime when huge
 REQUIRED_KEYS = ("client_id", "client_secret", "scope")
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
-CRON_MARKER = "# scm-token-cache"
 
 
 class TokenCacheError(Exception):
@@ -48,7 +47,7 @@ class TokenCacheError(Exception):
 
 
 class ConfigError(TokenCacheError):
-    """The config file or a command-line value is unusable."""
+    """The config file, or the setup around it, needs fixing before any run can work."""
 
     exit_code = 2
 
@@ -264,18 +263,20 @@ def fetch_token(config: dict[str, Any], timeout: float, max_retry_time: float) -
     deadline = time.monotonic() + max_retry_time
     delay = FIRST_RETRY_DELAY
     attempts = 0
-    with requests.Session() as session:
-        session.verify = tls_verify(config)
-        if session.verify is False:
-            import urllib3
+    verify = tls_verify(config)
+    if verify is False:
+        import urllib3
 
-            urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
+        urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)  # warn_about_config said it once
+    with requests.Session() as session:
         while True:
             attempts += 1
             sent_at = utc_now().replace(microsecond=0)
             retry_after = None
             try:
-                response = post_credentials(session, config, timeout)
+                response = post_credentials(session, config, timeout, verify)
+            except requests.exceptions.SSLError as e:  # a certificate problem does not go away by retrying
+                raise RefreshError(f"could not reach token endpoint {safe_url(url)}: {describe_network_error(e)}") from None
             except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
                 problem = f"could not reach token endpoint {safe_url(url)}: {describe_network_error(e)}"
             except (requests.RequestException, ValueError) as e:
@@ -296,7 +297,7 @@ def fetch_token(config: dict[str, Any], timeout: float, max_retry_time: float) -
             time.sleep(wait)
 
 
-def post_credentials(session: Any, config: dict[str, Any], timeout: float) -> Any:
+def post_credentials(session: Any, config: dict[str, Any], timeout: float, verify: bool | str) -> Any:
     """Send one token request.
 
     pan.dev's access-token page and scm-go send the client credentials with
@@ -309,12 +310,13 @@ def post_credentials(session: Any, config: dict[str, Any], timeout: float) -> An
         data={"grant_type": "client_credentials", "scope": config["scope"]},
         headers={"Accept": "application/json", **config.get("headers", {})},
         timeout=timeout,
+        verify=verify,  # per request: a session's verify=False would lose to $REQUESTS_CA_BUNDLE
         allow_redirects=False,  # a redirect would carry the credentials elsewhere
     )
 
 
 def tls_verify(config: dict[str, Any]) -> bool | str:
-    """Return requests' `verify`: off only by skip_verify_certificate; SSL_CERT_FILE honoured too."""
+    """Return requests' `verify`: off only by skip_verify_certificate; $SSL_CERT_FILE honoured too."""
     if config.get("skip_verify_certificate") is True:
         return False
     if not (os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")):
@@ -531,7 +533,10 @@ class ConfigLock:
             try:
                 fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 return self
-            except BlockingIOError:
+            except OSError as e:
+                if not isinstance(e, BlockingIOError):  # e.g. ENOLCK on a network filesystem
+                    os.close(self.fd)
+                    raise RefreshError(f"cannot lock {self.path}: {e.strerror}") from None
                 if time.monotonic() >= deadline:
                     os.close(self.fd)
                     raise RefreshError(

@@ -222,16 +222,19 @@ def test_group_readable_config_warns_but_runs(cli, fake, tmp_path):
 
 
 def test_skip_verify_certificate_is_honoured_with_a_warning(cli, fake, tmp_path, env):
+    import certifi
+
     config = write_config(tmp_path / "scm-auth.json", fake.config(skip_verify_certificate=True))
-    # Without our CA the certificate cannot verify; skip_verify_certificate makes it work anyway.
-    result = cli("run", "--config", config, extra_env={"REQUESTS_CA_BUNDLE": ""}).expect(0)
+    # A bundle without our CA cannot verify the fake; skip_verify_certificate wins over $REQUESTS_CA_BUNDLE.
+    result = cli("run", "--config", config, extra_env={"REQUESTS_CA_BUNDLE": certifi.where()}).expect(0)
     assert "skip_verify_certificate is true" in result.err
     assert "InsecureRequestWarning" not in result.err
 
 
-def test_untrusted_certificate_fails_clearly(cli, fake, config):
-    result = cli("run", "--config", config, "--max-retry-time", "0", extra_env={"REQUESTS_CA_BUNDLE": ""})
+def test_untrusted_certificate_fails_clearly_without_retrying(cli, fake, config):
+    result = cli("run", "--config", config, "--max-retry-time", "60", extra_env={"REQUESTS_CA_BUNDLE": ""})
     result.expect(1)
+    assert "gave up after" not in result.err  # failed at once: a certificate problem is not retried
     assert "TLS certificate verification failed" in result.err
     assert "Traceback" not in result.err
     assert fake.requests == []

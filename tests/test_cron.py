@@ -148,6 +148,10 @@ def test_wrapper_through_a_symlink_and_python_fallback(install, env, fake, confi
     assert len(log_blocks(install / "logs")) == 1  # logs/ beside the real wrapper, not the link
 
 
+needs_script = pytest.mark.skipif(shutil.which("script") is None, reason="script(1) from util-linux is not installed")
+
+
+@needs_script
 def test_wrapper_shows_output_on_a_terminal(install, env, fake, config, tmp_path):
     logs = tmp_path / "tty-logs"
     command = f"{install / 'run-token-cache.sh'} run --config {config}"
@@ -159,6 +163,7 @@ def test_wrapper_shows_output_on_a_terminal(install, env, fake, config, tmp_path
     assert block[2].startswith("Token refreshed, expires at: ")
 
 
+@needs_script
 def test_wrapper_passes_a_failure_status_on_a_terminal(install, env, tmp_path):
     command = f"{install / 'run-token-cache.sh'} run --config {tmp_path / 'missing.json'}"
     result = subprocess.run(["script", "-qec", command, "/dev/null"], env={**env, "LOG_DIR": str(tmp_path / "l")},

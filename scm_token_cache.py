@@ -626,6 +626,12 @@ def seconds_left(expires_at: datetime.datetime, now: datetime.datetime) -> int:
     return int((expires_at - now).total_seconds())
 
 
+def refresh_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The options `run` and `token` pass on to ensure_token."""
+    return {"force": args.force, "timeout": args.timeout, "max_retry_time": args.max_retry_time,
+            "lock_timeout": args.lock_timeout}
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """Refresh the token in the config file when it is due (the cron job)."""
     text = not (args.json or args.quiet)
@@ -635,15 +641,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             reason = "Refresh forced" if args.force else "Token expired or missing"
             print(f"{reason}, fetching new token...", flush=True)
 
-    token = ensure_token(
-        resolve_config_path(args.config),
-        args.buffer,
-        force=args.force,
-        timeout=args.timeout,
-        max_retry_time=args.max_retry_time,
-        lock_timeout=args.lock_timeout,
-        on_fetch=announce,
-    )
+    token = ensure_token(resolve_config_path(args.config), args.buffer, on_fetch=announce, **refresh_options(args))
     if args.json:
         action = "refreshed" if token.refreshed else "cached"
         print(json.dumps({"action": action, "expires_at": format_rfc3339(token.expires_at),
@@ -656,15 +654,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_token(args: argparse.Namespace) -> int:
     """Print a valid token and nothing else, refreshing it first when it is due."""
-    token = usable_token(
-        resolve_config_path(args.config),
-        args.buffer,
-        force=args.force,
-        timeout=args.timeout,
-        max_retry_time=args.max_retry_time,
-        lock_timeout=args.lock_timeout,
-    )
-    print(token)
+    print(usable_token(resolve_config_path(args.config), args.buffer, **refresh_options(args)))
     return 0
 
 

@@ -57,6 +57,13 @@ class Request:
     at: float = field(default_factory=time.monotonic)
 
 
+class QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Stay quiet when a client hangs up first (timeouts do that); report anything else."""
+        if not isinstance(sys.exc_info()[1], (ConnectionError, ssl.SSLError)):
+            super().handle_error(request, client_address)
+
+
 class FakeSCM:
     """The token endpoint. `requests` records every request; `answers` is a queue tried first."""
 
@@ -72,7 +79,7 @@ class FakeSCM:
         self._lock = threading.Lock()
         self._counter = itertools.count(1)
         self.ca = trustme.CA()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
+        self.server = QuietServer(("127.0.0.1", 0), self._handler_class())
         self.server.daemon_threads = True
         self.scheme = "https" if tls else "http"  # plain http: the tool allows it for loopback only
         if tls:

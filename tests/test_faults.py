@@ -153,7 +153,8 @@ def test_transient_faults_are_recovered_within_the_budget(cli, fake, config, fau
     fake.answers.extend(faults)
     result = cli("run", "--config", config, "--timeout", "1", "--max-retry-time", "30").expect(0)
     assert len(fake.requests) == len(faults) + 1
-    assert read_json(config)["jwt"] == fake.issued[-1]  # a cut answer may have issued one before
+    # Cut or late answers may issue tokens too (a timed-out request can even finish after its retry).
+    assert read_json(config)["jwt"] in fake.issued
     assert result.out.splitlines()[-1].startswith("Token refreshed")
 
 

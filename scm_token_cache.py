@@ -93,8 +93,9 @@ def read_config(path: str) -> dict[str, Any]:
         with open(path, "rb") as f:
             raw = f.read()
     except FileNotFoundError:
+        example = os.path.join(HERE, "secrets.example", "scm-auth.json")
         raise ConfigError(
-            f"config file {path} not found; copy secrets.example/scm-auth.json there "
+            f"config file {path} not found; create it with: install -m 600 -D {example} {path} "
             "and fill in client_id, client_secret and scope"
         ) from None
     except OSError as e:

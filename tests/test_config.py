@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import write_config
+from conftest import TOOL, write_config
 
 GOOD = {"client_id": "sa@123.iam.panserviceaccount.com", "client_secret": "s3cr3t-value", "scope": "tsg_id:123"}
 
@@ -85,7 +85,8 @@ def test_skip_verify_must_be_boolean(cli, tmp_path):
 def test_missing_file_says_what_to_create(cli, tmp_path):
     path = tmp_path / "nowhere" / "scm-auth.json"
     result = cli("run", "--config", path).expect(2)
-    assert result.err == (f"error: config file {path} not found; copy secrets.example/scm-auth.json there "
+    example = TOOL.parent / "secrets.example" / "scm-auth.json"
+    assert result.err == (f"error: config file {path} not found; create it with: install -m 600 -D {example} {path} "
                           "and fill in client_id, client_secret and scope\n")
     assert not path.parent.exists()
 

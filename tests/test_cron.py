@@ -120,8 +120,10 @@ def test_wrapper_exit_status_and_errors_reach_the_log(install, env, tmp_path):
     assert result.returncode == 2
     (block,) = log_blocks(tmp_path / "logs")
     assert STAMP.match(block[0])
-    assert block[1] == (f"error: config file {install / 'secrets' / 'scm-auth.json'} not found; copy "
-                        "secrets.example/scm-auth.json there and fill in client_id, client_secret and scope")
+    config = install / "secrets" / "scm-auth.json"
+    assert block[1] == (f"error: config file {config} not found; create it with: install -m 600 -D "
+                        f"{install / 'secrets.example' / 'scm-auth.json'} {config} "
+                        "and fill in client_id, client_secret and scope")
 
 
 def test_wrapper_passes_arguments_and_environment(install, env, fake, config, tmp_path):

@@ -189,7 +189,7 @@ def test_default_config_path_is_beside_the_script_not_the_working_directory(tmp_
                                text=True)
     assert completed.returncode == 2
     assert f"config file {tmp_path / 'secrets' / 'scm-auth.json'} not found" in completed.stderr
-    assert "secrets.example/scm-auth.json" in completed.stderr
+    assert f"install -m 600 -D {tmp_path / 'secrets.example' / 'scm-auth.json'}" in completed.stderr
 
 
 def test_symlinked_config_updates_the_target_and_stays_a_link(cli, fake, config, tmp_path):

@@ -27,12 +27,13 @@ if [ "$1" = token ]; then
     exit 2
 fi
 
-if [ ! -d "$log_dir" ]; then
-    (umask 077 && mkdir -p "$log_dir") || exit 1
-fi
 log_file=$log_dir/token-cache-$(date +%Y-%m-%d).log
-
-echo "=== $(date '+%Y-%m-%d %H:%M:%S') ===" >>"$log_file" || exit 1
+if ! { [ -d "$log_dir" ] || (umask 077 && mkdir -p "$log_dir"); } 2>/dev/null ||
+    ! echo "=== $(date '+%Y-%m-%d %H:%M:%S') ===" 2>/dev/null >>"$log_file"; then
+    # A broken log must not stop the refresh: run anyway, and let cron mail the output.
+    echo "warning: cannot write to $log_file; running without a log" >&2
+    exec "$python" "$here/scm_token_cache.py" "$@"
+fi
 if [ -t 1 ]; then
     "$python" "$here/scm_token_cache.py" "$@" 2>&1 | tee -a "$log_file"
     status=${PIPESTATUS[0]}

@@ -330,3 +330,14 @@ def test_install_needs_the_wrapper_beside_the_module(install, env, crontab):
     result = tool(install, "install-cron", env=env, bin_dir=bin_dir, table=table).expect(2)
     assert "run-token-cache.sh is missing or not executable" in result.err
     assert not table.exists()
+
+
+def test_wrapper_still_refreshes_when_the_log_cannot_be_written(install, env, fake, config, tmp_path):
+    not_a_directory = tmp_path / "file"
+    not_a_directory.write_text("")
+    result = subprocess.run([str(install / "run-token-cache.sh"), "run", "--config", str(config)],
+                            env={**env, "LOG_DIR": str(not_a_directory / "logs")}, capture_output=True, text=True)
+    assert result.returncode == 0, result
+    assert "warning: cannot write to " in result.stderr
+    assert result.stdout.splitlines()[-1].startswith("Token refreshed")
+    assert read_json(config)["jwt"] == fake.issued[0]

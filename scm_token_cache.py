@@ -23,7 +23,8 @@ import time
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs milliseconds at start-up, and the cached path is run all day
-    from typing import Any, Callable, Sequence
+    from collections.abc import Callable, Sequence
+    from typing import Any
 
 HERE = os.path.dirname(os.path.realpath(__file__))
 DEFAULT_CONFIG = os.path.join(HERE, "secrets", "scm-auth.json")
@@ -132,7 +133,8 @@ def parse_config(raw: bytes, path: str) -> dict[str, Any]:
     except UnicodeDecodeError as e:
         raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start}); save it as UTF-8 JSON") from None
     except json.JSONDecodeError as e:
-        raise ConfigError(f"config file {path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+        where = f"line {e.lineno} column {e.colno}"
+        raise ConfigError(f"config file {path} is not valid JSON: {e.msg} at {where}") from None
     except (ValueError, RecursionError) as e:
         raise ConfigError(f"config file {path} is not valid JSON: {e}") from None
     if not isinstance(config, dict):
@@ -260,6 +262,7 @@ def fetch_token(config: dict[str, Any], timeout: float, max_retry_time: float) -
     import requests
 
     url = config.get("auth_url", DEFAULT_AUTH_URL)
+    unreachable = f"could not reach token endpoint {safe_url(url)}"
     secrets = secret_strings(config)
     deadline = time.monotonic() + max_retry_time
     delay = FIRST_RETRY_DELAY
@@ -277,11 +280,12 @@ def fetch_token(config: dict[str, Any], timeout: float, max_retry_time: float) -
             try:
                 response = post_credentials(session, config, timeout, verify)
             except requests.exceptions.SSLError as e:  # a certificate problem does not go away by retrying
-                raise RefreshError(f"could not reach token endpoint {safe_url(url)}: {describe_network_error(e)}") from None
+                raise RefreshError(f"{unreachable}: {describe_network_error(e)}") from None
             except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
-                problem = f"could not reach token endpoint {safe_url(url)}: {describe_network_error(e)}"
+                problem = f"{unreachable}: {describe_network_error(e)}"
             except (requests.RequestException, ValueError) as e:
-                raise RefreshError(scrub(f"token request to {safe_url(url)} failed: {type(e).__name__}", secrets)) from None
+                failed = f"token request to {safe_url(url)} failed: {type(e).__name__}"
+                raise RefreshError(scrub(failed, secrets)) from None
             else:
                 if 200 <= response.status_code < 300:
                     token, expires_in = read_token_response(response, url, secrets)
@@ -338,7 +342,9 @@ def read_token_response(response: Any, url: str, secrets: list[str]) -> tuple[st
     if not isinstance(token, str) or not token.strip():
         raise RefreshError(f"{where} answered {response.status_code} without an access_token")
     if type(expires_in) is not int or not 0 < expires_in <= MAX_LIFETIME:
-        raise RefreshError(f"{where} answered {response.status_code} without a plausible expires_in (1 to {MAX_LIFETIME})")
+        raise RefreshError(
+            f"{where} answered {response.status_code} without a plausible expires_in (1 to {MAX_LIFETIME})"
+        )
     if any(c.isspace() for c in token):
         raise RefreshError(f"{where} answered {response.status_code} with an access_token containing whitespace")
     return token, expires_in
@@ -725,7 +731,8 @@ def read_crontab(line: str) -> list[str]:
 def write_crontab(lines: list[str]) -> None:
     import subprocess
 
-    written = subprocess.run(["crontab", "-"], input="".join(f"{l}\n" for l in lines), capture_output=True, text=True)
+    text = "".join(f"{line}\n" for line in lines)
+    written = subprocess.run(["crontab", "-"], input=text, capture_output=True, text=True)
     if written.returncode != 0:
         raise TokenCacheError(f"crontab - failed: {written.stderr.strip() or written.returncode}")
 

@@ -138,7 +138,8 @@ class FakeSCM:
         except (UnicodeDecodeError, ValueError):
             return 400, {"error": "invalid_request", "error_description": "malformed body"}
         if form.get("grant_type") != ["client_credentials"]:
-            return 400, {"error": "unsupported_grant_type", "error_description": "grant_type must be client_credentials"}
+            return 400, {"error": "unsupported_grant_type",
+                         "error_description": "grant_type must be client_credentials"}
         if form.get("scope") != [self.scope]:
             return 400, {"error": "invalid_scope", "error_description": "scope not allowed"}
         token = f"eyJhbGciOiJSUzI1NiJ9.fake{next(self._counter)}.{secrets.token_urlsafe(24)}"

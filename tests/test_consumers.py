@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 from conftest import assert_no_secrets, read_json, write_config
@@ -204,3 +205,13 @@ def test_get_token_falls_back_but_not_to_an_expired_token(fake, tmp_path, trust_
     with pytest.raises(stc.RefreshError) as raised:
         stc.get_token(str(expired))
     assert raised.value.cached is None
+
+
+@pytest.mark.parametrize("command", ["run", "token", "status"])
+def test_cached_path_imports_nothing_heavy(cli, fake, tmp_path, command):
+    config = with_token(fake, tmp_path, 3600)
+    result = cli("-X", "importtime", str(stc.__file__), command, "--config", config, executable=sys.executable)
+    result.expect(0)
+    imported = {line.split("|")[-1].strip() for line in result.err.splitlines() if line.startswith("import time:")}
+    assert "json" in imported  # the probe works
+    assert not {"requests", "urllib3", "dateutil", "dateutil.parser", "ssl", "typing"} & imported

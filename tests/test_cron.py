@@ -341,3 +341,15 @@ def test_wrapper_still_refreshes_when_the_log_cannot_be_written(install, env, fa
     assert "warning: cannot write to " in result.stderr
     assert result.stdout.splitlines()[-1].startswith("Token refreshed")
     assert read_json(config)["jwt"] == fake.issued[0]
+
+
+@pytest.mark.skipif(not os.path.exists("/usr/bin/python3"), reason="no /usr/bin/python3 for the fallback")
+def test_wrapper_falls_back_to_python3_on_cron_path(install, fake, tmp_path):
+    shutil.rmtree(install / ".venv")
+    # A cached token needs neither requests nor dateutil, so the system python3 can serve it.
+    config = write_config(install / "secrets" / "scm-auth.json",
+                          fake.config(jwt="eyJcached", jwt_expires_at="2099-01-01T00:00:00Z"))
+    run_like_cron(str(install / "run-token-cache.sh"), tmp_path / "home").expect(0)
+    (block,) = log_blocks(install / "logs")
+    assert block[1] == "Using cached token, expires at: 2099-01-01 00:00:00 +0000 UTC"
+    assert read_json(config)["jwt"] == "eyJcached"

@@ -38,7 +38,6 @@ FIRST_RETRY_DELAY = 1.0
 MAX_RETRY_DELAY = 10.0
 MAX_LIFETIME = 366 * 24 * 3600  # longer is no SCM token, and would overflow datetime when huge
 REQUIRED_KEYS = ("client_id", "client_secret", "scope")
-LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 
 class TokenCacheError(Exception):
@@ -176,12 +175,21 @@ def check_auth_url(url: Any, path: str) -> None:
         parts.port  # noqa: B018 - raises ValueError on a bad port
     except ValueError:
         raise ConfigError(f"config file {path}: 'auth_url' is not a valid URL") from None
-    loopback = host in LOOPBACK_HOSTS or host.startswith("127.")
-    if not host or not (parts.scheme == "https" or (parts.scheme == "http" and loopback)):
+    if not host or not (parts.scheme == "https" or (parts.scheme == "http" and is_loopback(host))):
         raise ConfigError(
             f"config file {path}: 'auth_url' {safe_url(url)} must be an https:// URL "
             "(plain http:// is allowed only for 127.0.0.1, ::1 and localhost)"
         )
+
+
+def is_loopback(host: str) -> bool:
+    """True for localhost and the loopback addresses (127.0.0.0/8, ::1)."""
+    import ipaddress
+
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def safe_url(url: str) -> str:

@@ -54,6 +54,9 @@ def test_required_keys(cli, tmp_path, key, value, state):
 
 @pytest.mark.parametrize("url", [
     "http://auth.apps.paloaltonetworks.com/oauth2/access_token",
+    "http://127.example.com/token",  # a name, not a loopback address
+    "http://localhost.example.com/token",
+    "http://[::2]/token",
     "ftp://127.0.0.1/token",
     "auth.apps.paloaltonetworks.com/oauth2/access_token",
     "https://",
@@ -110,6 +113,13 @@ def test_usage_errors_exit_2(cli, tmp_path, args):
 
 def test_unknown_command_is_a_usage_error(cli):
     assert "invalid choice" in cli("refresh").expect(2).err
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.1.2.3", "[::1]", "localhost"])
+def test_http_is_accepted_for_loopback_hosts(cli, tmp_path, host):
+    path = write_config(tmp_path / "c.json", {**GOOD, "auth_url": f"http://{host}:9/token"})
+    result = cli("run", "--config", path, "--max-retry-time", "0").expect(1)  # accepted, then nobody answers
+    assert "could not reach token endpoint" in result.err
 
 
 def test_valid_config_with_unknown_keys_is_kept_as_is(cli, fake, tmp_path):

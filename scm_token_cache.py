@@ -709,7 +709,8 @@ def cron_line(every: int, path: str) -> str:
     command = shlex.quote(WRAPPER)
     if path != DEFAULT_CONFIG:
         command = f"SCM_CONFIG_PATH={shlex.quote(path)} {command}"
-    return f"{schedule} {command.replace('%', chr(92) + '%')}"  # cron turns a bare % into a newline
+    command = command.replace("%", "\\%")  # cron turns a bare % into a newline
+    return f"{schedule} {command}"
 
 
 def is_our_line(line: str, ours: str) -> bool:

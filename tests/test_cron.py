@@ -353,3 +353,9 @@ def test_wrapper_falls_back_to_python3_on_cron_path(install, fake, tmp_path):
     (block,) = log_blocks(install / "logs")
     assert block[1] == "Using cached token, expires at: 2099-01-01 00:00:00 +0000 UTC"
     assert read_json(config)["jwt"] == "eyJcached"
+
+
+def test_percent_in_the_config_path_is_escaped_for_cron(install, env, crontab, tmp_path):
+    bin_dir, table = crontab
+    tool(install, "install-cron", "--config", "/srv/100%/scm.json", env=env, bin_dir=bin_dir, table=table).expect(0)
+    assert table.read_text() == f"*/5 * * * * SCM_CONFIG_PATH=/srv/100\\%/scm.json {install / 'run-token-cache.sh'}\n"

@@ -178,7 +178,7 @@ def check_auth_url(url: Any, path: str) -> None:
     if not host or not (parts.scheme == "https" or (parts.scheme == "http" and is_loopback(host))):
         raise ConfigError(
             f"config file {path}: 'auth_url' {safe_url(url)} must be an https:// URL "
-            "(plain http:// is allowed only for 127.0.0.1, ::1 and localhost)"
+            "(plain http:// is allowed only for loopback: 127.0.0.0/8, ::1 and localhost)"
         )
 
 
